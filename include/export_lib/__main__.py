@@ -1,0 +1,3 @@
+from export_lib.cli import main
+
+raise SystemExit(main())
