@@ -53,14 +53,14 @@ def pytest_unconfigure(config):
 def _have_gpu_stack() -> tuple[bool, str]:
     try:
         import tensorrt  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - any import failure means "absent"
+    except Exception as e:
         return False, f"TensorRT is not importable here ({type(e).__name__}: {e}); run on a GPU node with TensorRT"
     try:
         import torch
 
         if not torch.cuda.is_available():
             return False, "CUDA is not available (torch.cuda.is_available() is False)"
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return False, f"torch with CUDA is not importable ({e})"
     return True, ""
 
