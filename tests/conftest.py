@@ -7,6 +7,7 @@ before any test module imports Airflow.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -27,6 +28,7 @@ _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="airflow-home-"))
 
 
 def pytest_configure(config):
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's per-request access log
     os.environ["AIRFLOW_HOME"] = str(_AIRFLOW_HOME)
     os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
     os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(REPO / "plugins")
