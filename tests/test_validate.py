@@ -1,0 +1,83 @@
+"""validate on a real tiny CNN: a faithful export passes; a tampered ONNX file fails with exit 3 naming the output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from validate_helpers import MODEL, build_workdir, tamper
+
+from export_lib.config import load_config
+from export_lib.results import BadInputError, ExitCode, ValidationFailedError, read_json
+from export_lib.validate import build_cases, default_other_batch, validate
+from export_lib.workdir import report_path, variant_model_path
+
+
+def _cli(config, workdir, *extra):
+    return subprocess.run([sys.executable, "-m", "export_lib", "validate", "--config", str(config), "--model", MODEL,
+                           "--workdir", str(workdir), *extra], capture_output=True, text=True, timeout=300)
+
+
+def test_faithful_export_passes_with_int8_accuracy_and_gx(tmp_path):
+    config, workdir = build_workdir(tmp_path, ["onnx-fp32", "onnx-int8"])
+    spec = load_config(config).model(MODEL)
+    result = validate(spec, workdir)
+    assert result["passed"]
+    report = read_json(report_path(workdir, "validation"))
+    assert report["passed"] and report["failures"] == []
+    # The opt batch (4) and a different one (3) were both checked.
+    assert {c["name"] for c in report["cases"]} == {"opt", "batch=3"}
+    row = report["variants"]["onnx-fp32"]["outputs"]["logits"]
+    assert row["passed"] and row["mismatch_fraction"] == 0.0 and row["max_abs_err"] < 1e-4
+    assert row["cases"]["batch=3"]["shape"] == [3, 10]
+    int8 = report["variants"]["onnx-int8"]
+    assert int8["accuracy"]["gated"] and int8["accuracy"]["value"] >= 0.5
+    assert report["accuracy"]["values"]["torch-eager"] == 1.0
+    gx = read_json(report_path(workdir, "gx_result"))
+    assert gx["success"] and gx["statistics"]["evaluated"] >= 5
+    assert any(r["variant"] == "onnx-int8" and r["column"] == "accuracy" for r in gx["results"])
+
+
+def test_tampered_onnx_fails_with_exit_3_naming_the_output(tmp_path):
+    config, workdir = build_workdir(tmp_path)
+    tamper(variant_model_path(workdir, "onnx-fp32"))
+    proc = _cli(config, workdir)
+    assert proc.returncode == ExitCode.VALIDATION_FAILED, proc.stderr
+    assert "onnx-fp32 output 'logits'" in proc.stderr and "exceed atol=0.0001 AND rtol=0.001" in proc.stderr
+    result = json.loads((workdir / "results" / "validate.json").read_text())
+    assert result["status"] == "failed" and result["exit_code"] == 3
+    report = read_json(report_path(workdir, "validation"))
+    assert not report["passed"] and not report["variants"]["onnx-fp32"]["passed"]
+    gx = read_json(report_path(workdir, "gx_result"))
+    assert not gx["success"]
+    failed = [r for r in gx["results"] if not r["success"]]
+    assert any(r["column"] == "mismatch_fraction" and r["variant"] == "onnx-fp32" for r in failed)
+
+
+def test_missing_variant_names_the_step_to_run(tmp_path):
+    config, workdir = build_workdir(tmp_path, ["onnx-fp32", "onnx-int8"], built=["onnx-fp32"])
+    spec = load_config(config).model(MODEL)
+    with pytest.raises(BadInputError, match=r"onnx-int8.*run `calibrate`"):
+        validate(spec, workdir)
+
+
+def test_cases_cover_extra_dims_and_reject_out_of_range(tmp_path):
+    config, _ = build_workdir(tmp_path, validation={"samples": 5, "extra_dims": {"batch": [1, 16]}})
+    spec = load_config(config).model(MODEL)
+    cases = build_cases(spec, None)
+    assert [(c.name, c.samples) for c in cases] == [("opt", 5), ("batch=1", 1), ("batch=16", 16)]
+    assert default_other_batch(spec) == 3
+    bad = spec.model_copy(update={"validation": spec.validation.model_copy(update={"extra_dims": {"batch": [32]}})})
+    with pytest.raises(BadInputError, match=r"extra_dims.batch has 32, outside"):
+        build_cases(bad, None)
+
+
+def test_failure_error_carries_the_figures(tmp_path):
+    config, workdir = build_workdir(tmp_path)
+    tamper(variant_model_path(workdir, "onnx-fp32"), factor=-1.0)
+    spec = load_config(config).model(MODEL)
+    with pytest.raises(ValidationFailedError, match=r"max abs err .*max rel err") as err:
+        validate(spec, workdir)
+    assert err.value.details["variants"]["onnx-fp32"]["passed"] is False
