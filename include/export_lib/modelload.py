@@ -154,3 +154,33 @@ def save_checkpoint(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor]
         torch.save(state, buf)
         atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+def flatten_outputs(out: Any) -> list[torch.Tensor]:
+    """A model's return value as a flat list of tensors (the order the ONNX exporters use)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in flatten_outputs(v)]
+    if isinstance(out, list | tuple):
+        return [t for v in out for t in flatten_outputs(v)]
+    raise TypeError(f"model returned {type(out).__name__}; expected tensors (or tuples/lists/dicts of tensors)")
+
+
+def forward(model: torch.nn.Module, spec: ModelSpec, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """Run the torch model eagerly on numpy inputs -> {output name: numpy array}.
+
+    Inputs are passed positionally in the config's order (the ONNX graph's input order), so config input names
+    need not match the forward() parameter names.
+    """
+    import numpy as np
+
+    args = [torch.from_numpy(np.ascontiguousarray(inputs[i.name])) for i in spec.inputs]
+    with torch.inference_mode():
+        outs = flatten_outputs(model(*args))
+    if len(outs) != len(spec.outputs):
+        raise BadInputError(
+            f"model '{spec.name}' returns {len(outs)} output(s) but the config names {len(spec.outputs)}: "
+            f"{spec.outputs}; list one name per returned tensor under `outputs:`"
+        )
+    return {name: t.detach().cpu().numpy() for name, t in zip(spec.outputs, outs, strict=True)}
