@@ -18,7 +18,7 @@ import torch
 
 from export_lib.results import BadInputError, CapabilityMissingError
 
-EAGER = "torch-eager"  # name of the reference "variant" in reports
+EAGER = "torch-eager"  # name of the reference "variant" in reports (same as export_lib.select.EAGER)
 
 
 def cpu_info() -> dict[str, Any]:
