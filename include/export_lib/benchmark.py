@@ -174,7 +174,7 @@ def benchmark(spec: ModelSpec, workdir: Path, baseline: Path | None = None, fail
     settings, threads = spec.benchmark, threads or spec.benchmark.threads
     base = load_baseline(baseline) if baseline else None
     all_runners: dict[str, Any] = {runners.EAGER: runners.TorchRunner(
-        build_model(spec, checkpoint_path(workdir, spec)), [i.name for i in spec.inputs], spec.outputs, threads)}
+        build_model(spec, checkpoint_path(workdir, spec)), spec, threads)}
     try:
         for v in variants:
             all_runners[v] = runners.make_runner(v, variant_model_path(workdir, v), threads)

@@ -8,7 +8,7 @@ what is validated is what is timed.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from export_lib.config import ModelSpec
+from export_lib.modelload import forward
 from export_lib.results import BadInputError, CapabilityMissingError
 
 EAGER = "torch-eager"  # name of the reference "variant" in reports (same as export_lib.select.EAGER)
@@ -96,40 +98,22 @@ class TensorRTRunner:
 
 
 class TorchRunner:
-    """Torch eager: the reference. Inputs are passed positionally in the spec's input order."""
+    """Torch eager: the reference, run exactly as convert ran it before export (modelload.forward)."""
 
-    def __init__(self, model: torch.nn.Module, input_names: Sequence[str], output_names: Sequence[str],
-                 threads: int | None = None):
+    def __init__(self, model: torch.nn.Module, spec: ModelSpec, threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)  # process-wide: benchmark sets the same count for every runner
-        self.model = model.eval()
-        self.input_names = list(input_names)
-        self.output_names = list(output_names)
+        self.model, self.spec = model.eval(), spec
+        self.input_names = [i.name for i in spec.inputs]
+        self.output_names = list(spec.outputs)
 
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with torch.inference_mode():
-            out = self.model(*(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names))
-        return dict(zip(self.output_names, _as_arrays(out, self.output_names), strict=True))
+        return forward(self.model, self.spec, feeds)
 
     def describe(self) -> dict[str, Any]:
         return {"runtime": f"torch {torch.__version__} eager", "provider": "torch-cpu",
                 "intra_op_threads": torch.get_num_threads(), "inter_op_threads": torch.get_num_interop_threads(),
                 **cpu_info()}
-
-
-def _as_arrays(out: Any, names: Sequence[str]) -> list[np.ndarray]:
-    """A model's return value (tensor, tuple/list, dict, or a ModelOutput) as one array per output name."""
-    if isinstance(out, torch.Tensor):
-        tensors = [out]
-    elif isinstance(out, Mapping):
-        tensors = [out[n] for n in names] if all(n in out for n in names) else list(out.values())
-    elif hasattr(out, "to_tuple"):
-        tensors = list(out.to_tuple())
-    else:
-        tensors = list(out)
-    if len(tensors) != len(names):
-        raise BadInputError(f"the model returned {len(tensors)} outputs but the spec names {len(names)}: {list(names)}")
-    return [t.detach().cpu().numpy() for t in tensors]
 
 
 def make_runner(variant: str, model_path: Path, threads: int | None = None) -> OrtRunner | TensorRTRunner:

@@ -179,8 +179,7 @@ def validate(spec: ModelSpec, workdir: Path, config_dir: Path | None = None,
     log.info("validate %s: %d cases (%s), %d variants", spec.name, len(cases),
              ", ".join(f"{c.name}:{c.samples}" for c in cases), len(paths))
 
-    eager = runners.TorchRunner(build_model(spec, checkpoint_path(workdir, spec)),
-                                [i.name for i in spec.inputs], spec.outputs, threads)
+    eager = runners.TorchRunner(build_model(spec, checkpoint_path(workdir, spec)), spec, threads)
     ref = run_cases(eager, cases)
     metric = spec.accuracy.metric
     eager_acc = top1(spec, cases, ref, ref) if metric == "top1_accuracy" else 1.0
