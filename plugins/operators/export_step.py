@@ -183,8 +183,8 @@ class LocalExportStepOperator(ExportStepMixin, BaseOperator):
         else:
             env.pop("AWS_SESSION_TOKEN", None)
         conn = hook.conn_config
-        if conn.endpoint_url:
-            env["AWS_ENDPOINT_URL"] = conn.endpoint_url
+        if conn.endpoint_url:  # the service-specific variable would win over the generic one in boto3
+            env["AWS_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL_S3"] = conn.endpoint_url
         if conn.region_name:
             env["AWS_DEFAULT_REGION"] = conn.region_name
         return env
