@@ -104,10 +104,11 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
 class FaultProxy:
     """A ThreadingHTTPServer in front of moto. `rule(method, path, headers, nth)` returns None to forward
     the request, or (status, s3 error code) to answer with an S3 error instead; `nth` counts requests per
-    (method, path) from 1. `on_request` (optional) is called before each forwarded request (e.g. to stall)."""
+    (method, path) from 1. `on_request(method, path)` (optional) runs before forwarding (e.g. to stall);
+    returning False answers 500 instead of forwarding."""
 
     def __init__(self, upstream: str, rule: Callable[[str, str, dict, int], tuple[int, str] | None],
-                 on_request: Callable[[str, str], None] | None = None):
+                 on_request: Callable[[str, str], bool | None] | None = None):
         self.upstream = urlsplit(upstream)
         self.rule, self.on_request = rule, on_request
         self.counts: Counter = Counter()
@@ -130,6 +131,8 @@ class FaultProxy:
                     proxy.counts[(self.command, path)] += 1
                     nth = proxy.counts[(self.command, path)]
                 fault = proxy.rule(self.command, path, dict(self.headers), nth)
+                if fault is None and proxy.on_request and proxy.on_request(self.command, path) is False:
+                    fault = (500, "InternalError")
                 if fault is not None:
                     status, code = fault
                     with proxy._lock:
@@ -144,8 +147,6 @@ class FaultProxy:
                     if self.command != "HEAD":
                         self.wfile.write(err)
                     return
-                if proxy.on_request:
-                    proxy.on_request(self.command, path)
                 conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
                 conn.request(self.command, self.path, body=body, headers=headers)
