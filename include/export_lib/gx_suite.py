@@ -23,9 +23,11 @@ def run_suite(parity_rows: Sequence[dict[str, Any]], accuracy_rows: Sequence[dic
               suite_name: str) -> dict[str, Any]:
     """parity_rows: PARITY_COLUMNS per (variant, output); accuracy_rows: {variant, accuracy, threshold} for each
     gated variant. Returns {success, statistics, results: [{expectation, column, variant, success, observed}]}."""
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    _quiet_loggers()
     import great_expectations as gx
     import pandas as pd
+
+    _quiet_loggers()  # again: GX sets INFO on some of its own loggers while importing
 
     context = gx.get_context(mode="ephemeral")
     _quiet(context)
@@ -60,6 +62,12 @@ def run_suite(parity_rows: Sequence[dict[str, Any]], accuracy_rows: Sequence[dic
         "statistics": {"evaluated": len(results), "successful": sum(r["success"] for r in results)},
         "results": results,
     }
+
+
+def _quiet_loggers() -> None:
+    for name in ["great_expectations", *logging.root.manager.loggerDict]:
+        if name.startswith("great_expectations"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _quiet(context: Any) -> None:
