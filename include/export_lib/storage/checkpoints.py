@@ -144,8 +144,9 @@ def discover(client: Any, spec: CheckpointSpec, now: datetime | None = None) -> 
     found = list_checkpoints(client, spec, now)
     best = select_newest(found, spec.select)
     for c in found:
-        log.info("checkpoint %s: step=%s %s (%s)", c.uri, c.step, "complete" if c.complete else "INCOMPLETE",
-                 c.reason)
+        log.debug("checkpoint %s: step=%s %s (%s)", c.uri, c.step, "complete" if c.complete else "incomplete",
+                  c.reason)
+    log.info("%d checkpoint folder(s) under %s, %d complete", len(found), spec.uri, sum(c.complete for c in found))
     if best is None:
         seen = "; ".join(f"{c.name}: {c.reason}" for c in found[-10:]) or "no folders at all"
         extra = " (with select: step, folder names need a step number)" if spec.select == "step" else ""
