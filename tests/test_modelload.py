@@ -193,3 +193,19 @@ def test_load_npz_checks_names_shapes_dtypes(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(BadInputError, match="not a readable .npz"):
         sampledata.load_npz(tmp_path / "junk.npz", spec)
+
+
+def test_model_config_doc_examples_are_valid():
+    """docs/model-config.md's YAML blocks parse (the full example as a config, the walkthrough entry as a model)."""
+    import re
+
+    import yaml
+
+    from export_lib.config import parse_config
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "model-config.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    config = parse_config(yaml.safe_load(blocks[0]), "docs example")
+    assert [m.name for m in config.models] == ["digits-cnn", "tiny-encoder"]
+    entry = yaml.safe_load(blocks[1])[0]
+    assert parse_config({"models": [entry]}).models[0].factory == "acme_models.ranker:Ranker"
