@@ -16,7 +16,7 @@ def _validation(**passed):
 
 def _benchmark(batch_sizes=(1, 8), **p50_at_8):
     results = {v: {str(b): {"p50_ms": p * b / 8} for b in batch_sizes} for v, p in p50_at_8.items()}
-    return {"settings": {"batch_sizes": list(batch_sizes)}, "results": results}
+    return {"settings": {"batch_sizes": list(batch_sizes), "stability": 0.1}, "results": results}
 
 
 def test_int8_slower_than_fp32_is_not_chosen_and_says_why():
@@ -24,8 +24,15 @@ def test_int8_slower_than_fp32_is_not_chosen_and_says_why():
                          _benchmark(**{"torch-eager": 4.0, "onnx-fp32": 2.0, "onnx-int8": 3.2}))
     assert sel["selected"] == "onnx-fp32" and sel["batch_size"] == 8
     reason = sel["decisions"]["onnx-int8"]["reason"]
-    assert "INT8 is not faster than onnx-fp32 at batch 8" in reason and "3.200 ms vs 2.000 ms" in reason
+    assert "INT8 is not faster than onnx-fp32 at batch 8" in reason and "3.200 ms vs 2.000 ms (0.62x)" in reason
     assert "2.00x torch eager" in sel["decisions"]["onnx-fp32"]["reason"]
+
+
+def test_int8_within_the_noise_margin_is_not_chosen():
+    sel = select_variant(["onnx-fp32", "onnx-int8"], _validation(**{"onnx-fp32": True, "onnx-int8": True}),
+                         _benchmark(**{"torch-eager": 4.0, "onnx-fp32": 2.0, "onnx-int8": 1.9}))
+    assert sel["selected"] == "onnx-fp32"
+    assert "by more than the 10% noise margin" in sel["decisions"]["onnx-int8"]["reason"]
 
 
 def test_faster_accurate_int8_is_chosen():
