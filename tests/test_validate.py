@@ -10,7 +10,7 @@ import pytest
 from validate_helpers import MODEL, build_workdir, tamper
 
 from export_lib.config import load_config
-from export_lib.results import BadInputError, ExitCode, ValidationFailedError, read_json
+from export_lib.results import BadInputError, CapabilityMissingError, ExitCode, ValidationFailedError, read_json
 from export_lib.validate import build_cases, default_other_batch, validate
 from export_lib.workdir import report_path, variant_model_path
 
@@ -81,3 +81,28 @@ def test_failure_error_carries_the_figures(tmp_path):
     with pytest.raises(ValidationFailedError, match=r"max abs err .*max rel err") as err:
         validate(spec, workdir)
     assert err.value.details["variants"]["onnx-fp32"]["passed"] is False
+
+
+def test_tensorrt_variant_without_tensorrt_is_capability_missing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails here, also where TensorRT is installed
+    config, workdir = build_workdir(tmp_path, ["onnx-fp32", "tensorrt-fp16"], built=["onnx-fp32"])
+    plan = variant_model_path(workdir, "tensorrt-fp16")
+    plan.parent.mkdir(parents=True)
+    plan.write_bytes(b"not built here")
+    with pytest.raises(CapabilityMissingError, match="TensorRT is not importable"):
+        validate(load_config(config).model(MODEL), workdir)
+
+
+@pytest.mark.gpu
+def test_tensorrt_fp16_engine_validates(tmp_path):
+    from export_lib import tensorrt_build
+
+    config, workdir = build_workdir(tmp_path, ["onnx-fp32", "tensorrt-fp16"], built=["onnx-fp32"])
+    spec = load_config(config).model(MODEL)
+    plan = variant_model_path(workdir, "tensorrt-fp16")
+    plan.parent.mkdir(parents=True)
+    tensorrt_build.build_engine(variant_model_path(workdir, "onnx-fp32"), spec, "tensorrt-fp16", plan)
+    assert validate(spec, workdir)["passed"]
+    report = read_json(report_path(workdir, "validation"))
+    assert report["variants"]["tensorrt-fp16"]["runner"]["provider"] == "TensorRT"
+    assert report["variants"]["tensorrt-fp16"]["outputs"]["logits"]["cases"]["batch=3"]["shape"] == [3, 10]
