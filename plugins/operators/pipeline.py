@@ -84,17 +84,21 @@ def _label(model: str) -> None:
     get_current_context()["model_label"] = model
 
 
-@task.short_circuit(ignore_downstream_trigger_rules=False, map_index_template="{{ model_label }}")
-def needs_export(synced: dict[str, Any], force: bool) -> bool:
-    """False skips the export steps of this model: its version is already published (unless forced)."""
+@task(map_index_template="{{ model_label }}")
+def needs_export(synced: dict[str, Any], force: bool) -> str:
+    """Skip (and so skip the export steps after it) when this version is already published, unless forced.
+
+    A skip that cascades through the default `all_success` trigger rule, not a ShortCircuitOperator: inside a
+    mapped task group, Airflow 3.3 looks the short-circuit decision up at map index -1 and runs the steps anyway
+    (apache/airflow#67265).
+    """
     _label(synced["model"])
     if synced.get("published") and not force:
-        log.info("%s version %s is already published: nothing new, skipping the export steps",
-                 synced["model"], synced["version"])
-        return False
-    log.info("%s version %s: %s", synced["model"], synced["version"],
-             "forced re-export" if synced.get("published") else "new version, exporting")
-    return True
+        raise AirflowSkipException(f"{synced['model']} version {synced['version']} is already published: "
+                                   "nothing new, skipping the export steps")
+    reason = "forced re-export" if synced.get("published") else "new version, exporting"
+    log.info("%s version %s: %s", synced["model"], synced["version"], reason)
+    return reason
 
 
 @task(outlets=[PUBLISHED_ALIAS], map_index_template="{{ model_label }}")
@@ -150,6 +154,9 @@ def summarize_run(runs: list[dict[str, Any]], context: dict[str, Any]) -> list[d
     steps = ("sync", "needs_export", *ENGINE_STEPS, "hand_over")
 
     def pull(task_id: str, index: int, key: str = "return_value") -> Any:
+        # Only where the task ran: asking for a missing XCom logs an error in the task SDK.
+        if states.get((task_id, index)) not in ("success", "failed"):
+            return None
         return ti.xcom_pull(task_ids=f"{GROUP_ID}.{task_id}", map_indexes=index, key=key)
 
     report = []
@@ -157,11 +164,14 @@ def summarize_run(runs: list[dict[str, Any]], context: dict[str, Any]) -> list[d
         model = run["model"]
         synced, published = pull("sync", index), pull("publish", index)
         entry: dict[str, Any] = {"model": model, "version": (synced or {}).get("version")}
-        failed = next((s for s in steps if states.get((s, index)) in ("failed", "upstream_failed")), None)
+        failed = next((s for s in steps if states.get((s, index)) == "failed"), None)
+        upstream_failed = next((s for s in steps if states.get((s, index)) == "upstream_failed"), None)
         if failed:
-            failure = next((f for s in steps if (f := pull(s, index, FAILURE_XCOM_KEY))), None) or {}
-            entry.update(outcome="failed", failed_step=failure.get("step", failed),
-                         reason=failure.get("error") or f"task {failed} {states[(failed, index)]}; see its log")
+            failure = pull(failed, index, FAILURE_XCOM_KEY) or {}
+            entry.update(outcome="failed", failed_step=failed,
+                         reason=failure.get("error") or f"task {failed} failed; see its log")
+        elif upstream_failed:
+            entry.update(outcome="failed", failed_step=upstream_failed, reason="an upstream task failed")
         elif published:
             entry.update(outcome="re-validated, already published" if published.get("already_published")
                          else "published", manifest_uri=published.get("manifest_uri"),
@@ -179,7 +189,7 @@ def summarize_run(runs: list[dict[str, Any]], context: dict[str, Any]) -> list[d
         # Raised after the report is written: the run is marked failed (CI and alerts see it), the others'
         # results stay published.
         context["ti"].xcom_push(key="report", value=report)
-        raise AirflowFailException(f"export failed for {failed_models}; the others: "
-                                   + ", ".join(f"{e['model']}: {e['outcome']}" for e in report
-                                               if e["model"] not in failed_models))
+        others = [f"{e['model']}: {e['outcome']}" for e in report if e["model"] not in failed_models]
+        raise AirflowFailException(f"export failed for {failed_models}"
+                                   + (f"; the others: {', '.join(others)}" if others else ""))
     return report
