@@ -130,8 +130,7 @@ def main() -> int:
             started = time.monotonic()
             results = time_variants(spec, sub / "work", settings, args.threads)
             print(f"  timed in {time.monotonic() - started:.1f} s", flush=True)
-            selection = select_variant(spec.variants, report, {"settings": {"batch_sizes": list(BATCHES)},
-                                                               "results": results})
+            selection = select_variant(spec.variants, report, {"settings": settings.model_dump(), "results": results})
             rows.append((spec, report, results, selection))
 
     print(f"\nthreads: {thread_settings(args.threads)}")
