@@ -13,9 +13,9 @@ any model failed. Trigger with conf `{"models": [...], "force": false, "variants
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 
-from airflow.sdk import DAG, TriggerRule, get_current_context, task, task_group
+from airflow.sdk import DAG, CronTriggerTimetable, TriggerRule, get_current_context, task, task_group
 
 from operators.notify import ExportFailureNotifier
 from operators.pipeline import export_chain, plan_runs, summarize_run, trigger_params
@@ -28,8 +28,9 @@ with DAG(
     dag_id="model_export_nightly",
     description="Nightly export of the newest checkpoints to validated, benchmarked ONNX/TensorRT artifacts",
     doc_md=__doc__,
-    schedule=CONFIG.pipeline.schedule,
-    start_date=datetime(2025, 1, 1),
+    # No start_date + run_immediately=False: unpausing (e.g. by the CI trigger) never fires a catch-up export;
+    # the first scheduled run is the next cron time (UTC).
+    schedule=CronTriggerTimetable(CONFIG.pipeline.schedule, timezone="UTC", run_immediately=False),
     catchup=False,
     max_active_runs=1,
     tags=["model-export", "nightly", "ml-platform"],

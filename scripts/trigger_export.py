@@ -100,7 +100,7 @@ def run_summary(api, dag_id: str, run_id: str) -> list[dict[str, Any]] | None:
             entry = XComApi(api).get_xcom_entry(dag_id, "summary", run_id, key, deserialize=True)
         except NotFoundException:
             continue
-        value = entry.value
+        value = entry.actual_instance.value  # anyOf wrapper: XComResponseNative with deserialize=True
         return json.loads(value) if isinstance(value, str) else value
     return None
 
@@ -117,7 +117,9 @@ def trigger_and_wait(args: argparse.Namespace) -> int:
     token = args.token or fetch_token(url, args.username, args.password)
     with ApiClient(Configuration(host=url, access_token=token)) as api:
         try:
-            DAGApi(api).patch_dag(args.dag_id, DAGPatchBody(is_paused=False))
+            if DAGApi(api).get_dag(args.dag_id).is_paused:
+                DAGApi(api).patch_dag(args.dag_id, DAGPatchBody(is_paused=False))
+                print(f"unpaused {args.dag_id}", flush=True)
             run = DagRunApi(api).trigger_dag_run(
                 args.dag_id, TriggerDAGRunPostBody(logical_date=None, conf=run_conf(args)))
         except NotFoundException as e:

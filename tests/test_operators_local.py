@@ -103,3 +103,11 @@ def test_exit_code_meanings():
     assert exit_code_meaning(4) == "capability missing"
     assert exit_code_meaning(-9) == "killed by SIGKILL"
     assert exit_code_meaning(77) == "unknown exit code"
+
+
+def test_calibrate_without_an_int8_variant_starts_nothing(config_path, tmp_path):
+    """`--variants onnx-fp32` (or an fp32-only model): calibrate has no work, so no process (or GPU pod) starts."""
+    op = make_op(config_path, "calibrate", workdir=str(tmp_path / "does-not-exist"), variants="onnx-fp32")
+    result = op.execute(context={"ti": RecordingTI()})
+    assert result["skipped"] is True and "nothing to calibrate" in result["reason"]
+    assert op._proc is None

@@ -100,6 +100,8 @@ class KubernetesExportStepOperator(ExportStepMixin, KubernetesPodOperator):
         return super().build_pod_request_obj(context, dry_run=dry_run)
 
     def execute(self, context: Context) -> Any:
+        if (result := self.nothing_to_do()) is not None:
+            return result
         self.log.info("model %s, step %s: pod on node pool '%s' with image %s", self.model, self.step,
                       self.export_config.pipeline.steps[self.step].pool, self.image)
         return super().execute(context)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from export_lib.config import STEPS, ExportConfig
+from export_lib.config import QUANTIZED_VARIANTS, STEPS, ExportConfig
 from export_lib.results import ExitCode
 from operators.paths import INCLUDE_DIR, REPO_ROOT
 from operators.runtime import Runtime, local_workspace, resolve_runtime
@@ -130,6 +130,19 @@ class ExportStepMixin:
             args += ["--variants", variants]
         return args + [str(a) for a in self.extra_args]
 
+    def nothing_to_do(self) -> dict[str, Any] | None:
+        """The result of a step with no work in this run, decided here so no process or GPU pod starts for it:
+        calibrate when none of the run's variants is quantized (e.g. `variants: [onnx-fp32]`)."""
+        if self.step != "calibrate":
+            return None
+        requested = [v for v in self.resolved_variants().split(",") if v]
+        variants = [v for v in self.export_config.model(str(self.model)).variants if not requested or v in requested]
+        if QUANTIZED_VARIANTS & set(variants):
+            return None
+        reason = f"no INT8 variant among {variants}: nothing to calibrate"
+        self.log.info("model %s, step %s: %s", self.model, self.step, reason)
+        return {"step": self.step, "status": "ok", "model": str(self.model), "skipped": True, "reason": reason}
+
     # ------------------------------------------------------------------------------------------------ failure
     def failure(self, context: Context | None, code: int, result: dict[str, Any] | None) -> AirflowException:
         """The exception for a failed step, naming model, step, exit code and the engine's message."""
@@ -190,6 +203,8 @@ class LocalExportStepOperator(ExportStepMixin, BaseOperator):
         return env
 
     def execute(self, context: Context) -> dict[str, Any]:
+        if (result := self.nothing_to_do()) is not None:
+            return result
         with tempfile.TemporaryDirectory(prefix=f"export-{self.step}-") as tmp:
             result_file = Path(tmp) / "result.json"
             workspace = local_workspace(self.export_config)
