@@ -223,13 +223,12 @@ class LocalExportStepOperator(ExportStepMixin, BaseOperator):
 
     def _run(self, cmd: list[str], env: dict[str, str]) -> int:
         # Own session: on timeout or kill the whole child process group goes, not just the Python parent.
-        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                      cwd=REPO_ROOT, text=True, bufsize=1, start_new_session=True)
+        proc = self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                             cwd=REPO_ROOT, text=True, bufsize=1, start_new_session=True)
         try:
-            assert self._proc.stdout is not None
-            for line in self._proc.stdout:
+            for line in proc.stdout or ():
                 self.log.info("%s", line.rstrip())
-            return self._proc.wait()
+            return proc.wait()
         finally:
             self._terminate()
 
