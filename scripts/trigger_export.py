@@ -53,8 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("give --token, or --username and --password (or their environment variables)")
     if args.checkpoint_uri and len(args.models) != 1:
         p.error("--checkpoint-uri pins one checkpoint: give exactly one --model")
-    if args.checkpoint_uri and not args.checkpoint_uri.startswith("s3://"):
-        p.error("--checkpoint-uri must be an s3:// folder URI")
+    if args.checkpoint_uri and not args.checkpoint_uri.startswith(("s3://", "/")):
+        p.error("--checkpoint-uri must be an s3:// folder URI (or an absolute path the workers can read)")
     return args
 
 
