@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -83,8 +84,12 @@ def cached(name: str, make) -> bytes:
     return path.read_bytes()
 
 
-def seed_training_outputs(client, config) -> None:
-    """What the training jobs would have written, for every configured model the demo knows how to train."""
+def seed_training_outputs(client, config, *, verbose: bool) -> None:
+    """What the training jobs would have written, for every configured model the demo knows how to train.
+
+    Written on every run from the cache (the same bytes each time, so the same versions): a restored S3 always
+    holds checkpoints that fit the current config.
+    """
     from scripts.seeding import digits_files, encoder_checkpoint, put_checkpoint, put_uri
 
     for spec in config.models:
@@ -103,12 +108,15 @@ def seed_training_outputs(client, config) -> None:
             if spec.calibration.data.startswith("s3://"):
                 put_uri(client, spec.calibration.data, cached("digits-calib.npz", bytes))
         elif spec.factory == "model_zoo.encoder:TinyEncoder":
-            body = cached(f"{spec.name}.safetensors", lambda spec=spec: encoder_checkpoint(**spec.factory_kwargs))
+            kwargs = json.dumps(spec.factory_kwargs, sort_keys=True)
+            key = hashlib.sha256(kwargs.encode()).hexdigest()[:12]  # another architecture, another checkpoint
+            body = cached(f"{spec.name}-{key}.safetensors", lambda spec=spec: encoder_checkpoint(**spec.factory_kwargs))
         else:
             say(f"skipping {spec.name}: the demo only knows how to make checkpoints for the sample models")
             continue
         folder = put_checkpoint(client, spec.checkpoint.uri, CHECKPOINT_STEP, {spec.checkpoint.filename: body})
-        say(f"seeded {spec.name} checkpoint at {folder}")
+        if verbose:
+            say(f"seeded {spec.name} checkpoint at {folder}")
 
 
 # ------------------------------------------------------------------------------------------------ Airflow
@@ -219,7 +227,7 @@ def main() -> int:
         import boto3
 
         from export_lib.config import load_config
-        from scripts.seeding import mirror_down, mirror_up
+        from scripts.seeding import ensure_bucket, mirror_down, mirror_up
 
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
         config = load_config(CONFIG_PATH)
@@ -227,12 +235,8 @@ def main() -> int:
         restored = mirror_up(client, S3_MIRROR)
         if restored:
             say(f"restored {restored} objects of the earlier demo from .demo/s3/")
-        else:
-            seed_training_outputs(client, config)
-        for bucket in (config.pipeline.export_bucket,):
-            from scripts.seeding import ensure_bucket
-
-            ensure_bucket(client, bucket)
+        seed_training_outputs(client, config, verbose=not restored)
+        ensure_bucket(client, config.pipeline.export_bucket)
 
         prepare_airflow(config)
         say(f"running {DAG_ID} with dag.test() (local runtime) ...")
