@@ -20,7 +20,7 @@ PARSE_BUDGET_S = 1.0
 def dagbag(airflow_home):
     from airflow.dag_processing.dagbag import DagBag
 
-    return DagBag(dag_folder=str(REPO / "dags"), include_examples=False)
+    return DagBag(dag_folder=str(REPO / "dags"))  # examples are off via AIRFLOW__CORE__LOAD_EXAMPLES
 
 
 def test_there_are_dag_files():
