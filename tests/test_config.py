@@ -107,3 +107,8 @@ def test_load_config_errors(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="model 'nope' is not in the config"):
         parse_config(cfg()).model("nope")
+
+
+def test_fp32_cannot_be_optional():
+    with pytest.raises(ConfigError, match="'onnx-fp32' cannot be optional"):
+        parse_config(cfg(validation={"optional_variants": ["onnx-fp32"]}))

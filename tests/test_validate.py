@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
-from validate_helpers import MODEL, build_workdir, tamper
+from validate_helpers import MODEL, build_workdir, quantize, tamper
 
 from export_lib.config import load_config
 from export_lib.results import BadInputError, CapabilityMissingError, ExitCode, ValidationFailedError, read_json
@@ -106,3 +107,39 @@ def test_tensorrt_fp16_engine_validates(tmp_path):
     report = read_json(report_path(workdir, "validation"))
     assert report["variants"]["tensorrt-fp16"]["runner"]["provider"] == "TensorRT"
     assert report["variants"]["tensorrt-fp16"]["outputs"]["logits"]["cases"]["batch=3"]["shape"] == [3, 10]
+
+
+def _broken_int8(workdir):
+    """Re-quantize from an FP32 copy whose last Gemm weight is negated: the INT8 logits flip, accuracy collapses."""
+    bad = workdir / "bad-fp32.onnx"
+    shutil.copy(variant_model_path(workdir, "onnx-fp32"), bad)
+    tamper(bad, factor=-3.0)
+    quantize(bad, variant_model_path(workdir, "onnx-int8"))
+
+
+def test_optional_variant_failure_is_recorded_and_not_selected(tmp_path):
+    """validation.optional_variants: a drifting INT8 is rejected, FP32 still validates and is the one selected."""
+    from export_lib.select import select_variant
+
+    config, workdir = build_workdir(tmp_path, ["onnx-fp32", "onnx-int8"],
+                                    validation={"samples": 8, "optional_variants": ["onnx-int8"]})
+    _broken_int8(workdir)
+    spec = load_config(config).model(MODEL)
+    result = validate(spec, workdir)
+    assert result["passed"] and result["rejected_optional"] == ["onnx-int8"]
+    report = read_json(report_path(workdir, "validation"))
+    assert report["passed"] and report["failures"] == []
+    assert not report["variants"]["onnx-int8"]["passed"]
+    assert any("onnx-int8" in r for r in report["rejected_optional"]["onnx-int8"])
+    bench = {"settings": {"batch_sizes": [4], "stability": 0.1},
+             "results": {"onnx-fp32": {"4": {"p50_ms": 1.0}}, "onnx-int8": {"4": {"p50_ms": 0.1}}}}
+    selection = select_variant(spec.variants, report, bench)
+    assert selection["selected"] == "onnx-fp32"
+    assert selection["decisions"]["onnx-int8"]["reason"].startswith("failed validation")
+
+
+def test_same_int8_failure_is_fatal_when_not_optional(tmp_path):
+    config, workdir = build_workdir(tmp_path, ["onnx-fp32", "onnx-int8"])
+    _broken_int8(workdir)
+    with pytest.raises(ValidationFailedError, match="onnx-int8"):
+        validate(load_config(config).model(MODEL), workdir)

@@ -150,6 +150,16 @@ class ValidationSpec(_Strict):
     seed: int = 1234
     # Sizes for each named dynamic dim to validate at besides `opt` (e.g. a batch other than the export size).
     extra_dims: dict[str, list[int]] = Field(default_factory=dict)
+    # Strict by default: any failing variant fails the step. A variant listed here that fails is recorded as
+    # rejected (report, selection reason) and the others go on, e.g. ship FP32 when INT8 drifts below threshold.
+    optional_variants: list[Variant] = Field(default_factory=list)
+
+    @field_validator("optional_variants")
+    @classmethod
+    def _fp32_required(cls, v: list[str]) -> list[str]:
+        if "onnx-fp32" in v:
+            raise ValueError("'onnx-fp32' cannot be optional: every other variant is built from it")
+        return v
 
 
 class BenchmarkSpec(_Strict):

@@ -5,7 +5,8 @@ size in spec.validation.extra_dims, a batch other than opt by default (export ex
 batch 2, and a silently specialised batch dim only shows at another size), and `eval` (accuracy.eval_data).
 Per variant and output: parity.judge over all cases. Quantized variants are also gated on the accuracy metric
 (on the eval data when configured, else on the generated samples). The table then goes through great-expectations.
-Any failure -> reports written, then ValidationFailedError naming variant, output and figures.
+Any failure -> reports written, then ValidationFailedError naming variant, output and figures; a failure of a
+variant in spec.validation.optional_variants is recorded as rejected instead (select will not choose it).
 """
 
 from __future__ import annotations
@@ -216,11 +217,17 @@ def validate(spec: ModelSpec, workdir: Path, config_dir: Path | None = None,
     write_json(report_path(workdir, "gx_result"), gx_result)
     _apply_gx(variants, gx_result)
 
-    failures = [r for info in variants.values() for r in info["reasons"]]
+    optional = set(spec.validation.optional_variants)
+    failures = [r for v, info in variants.items() if v not in optional for r in info["reasons"]]
+    rejected = {v: info["reasons"] for v, info in variants.items() if v in optional and info["reasons"]}
+    for v, reasons in rejected.items():
+        log.warning("validate %s: optional variant %s rejected (it will not be selected): %s", spec.name, v,
+                    "; ".join(reasons))
     report = {
         "model": spec.name,
         "passed": not failures,
         "failures": failures,
+        "rejected_optional": rejected,
         "reference": {"runner": eager.describe(), "checkpoint": str(checkpoint_path(workdir, spec))},
         "cases": [{"name": c.name, "dims": c.dims, "samples": c.samples, "batches": len(c.batches)} for c in cases],
         "accuracy": {
@@ -240,6 +247,7 @@ def validate(spec: ModelSpec, workdir: Path, config_dir: Path | None = None,
         raise ValidationFailedError(f"validation of '{spec.name}' failed: " + "; ".join(failures),
                                     details={"report": str(report_path(workdir, "validation")), "variants": summary})
     return {"model": spec.name, "workdir": str(workdir), "passed": True, "variants": summary,
+            "rejected_optional": sorted(rejected),
             "accuracy": report["accuracy"]["values"], "report": str(report_path(workdir, "validation")),
             "gx_result": str(report_path(workdir, "gx_result"))}
 
