@@ -12,7 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-XCOM_RETURN_PATH = Path("/airflow/xcom/return.json")
+# Where KubernetesPodOperator's XCom sidecar reads the result (overridable for tests and other runners).
+XCOM_RETURN_PATH = Path(os.environ.get("EXPORT_XCOM_RETURN_PATH", "/airflow/xcom/return.json"))
 
 
 class ExitCode(enum.IntEnum):
