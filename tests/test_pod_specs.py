@@ -147,3 +147,110 @@ def test_the_dag_uses_pods_when_the_runtime_is_kubernetes(airflow_home, monkeypa
         dag = DagBag(dag_folder=str(REPO_ROOT / "dags" / "model_export_nightly.py")).dags["model_export_nightly"]
         kinds[runtime] = {type(dag.get_task(f"export_model.{s}")) for s in STEPS}
     assert kinds == {"kubernetes": {KubernetesExportStepOperator}, "local": {LocalExportStepOperator}}
+
+
+class _RecordingTI:
+    """Stands in for the task instance the provider and the operator push XComs to."""
+
+    def __init__(self):
+        self.xcoms: dict[str, object] = {}
+
+    def xcom_push(self, key, value):
+        self.xcoms[key] = value
+
+
+@pytest.fixture
+def kube_api(tmp_path, monkeypatch):
+    """A minimal Kubernetes API on loopback (pods read/patch/delete, events) behind a real kubeconfig, so the
+    provider's own cleanup code runs unchanged. `pods[name]` is the API dict the server returns."""
+    import json
+    import re
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    pods: dict[str, dict] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            if self.path.split("?")[0].endswith("/events"):
+                body = {"kind": "EventList", "apiVersion": "v1", "metadata": {}, "items": []}
+            elif (m := re.search(r"/pods/([^/?]+)", self.path)) and m.group(1) in pods:
+                body = pods[m.group(1)]
+            else:
+                self.send_response(404)
+                self.end_headers()
+                return
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_PATCH = do_DELETE = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "t",
+        "clusters": [{"name": "t", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}],
+        "contexts": [{"name": "t", "context": {"cluster": "t", "user": "t"}}],
+        "users": [{"name": "t", "user": {"token": "t"}}]}))
+    monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT", json.dumps(
+        {"conn_type": "kubernetes", "extra": {"kube_config_path": str(kubeconfig), "in_cluster": False}}))
+    yield pods
+    server.shutdown()
+
+
+def _finished_pod(op, pods, exit_code: int, message: str | None, reason: str = "Error"):
+    from kubernetes.client import models as k8s
+
+    pod = op.build_pod_request_obj(dry_run=True)
+    pod.metadata.name = f"export-validate-{exit_code}"
+    terminated = k8s.V1ContainerStateTerminated(exit_code=exit_code, message=message, reason=reason)
+    pod.status = k8s.V1PodStatus(phase="Failed" if exit_code else "Succeeded", container_statuses=[
+        k8s.V1ContainerStatus(name="base", image=op.image, image_id="", ready=False, restart_count=0,
+                              state=k8s.V1ContainerState(terminated=terminated))])
+    pods[pod.metadata.name] = ApiClient().sanitize_for_serialization(pod)
+    return pod
+
+
+def test_a_failed_pod_fails_like_the_local_runtime(config, kube_api):
+    """Exit code 3 in the pod: no retry, model/step/code/engine message in the error and the `failure` XCom."""
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+    op = make_op(config, "validate")
+    assert base_container(render(op))["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    tail = ("2026-11-22 02:14:03,001 INFO export_lib.validate: onnx-int8: parity checked on 16 samples\n"
+            "2026-11-22 02:14:03,120 ERROR export_lib.cli: validate failed (VALIDATION_FAILED): onnx-int8 "
+            "top1_accuracy 0.91 is below the threshold 0.95\n")
+    ti = _RecordingTI()
+    pod = _finished_pod(op, kube_api, 3, tail)
+    with pytest.raises(AirflowFailException) as err:
+        op.cleanup(pod=pod, remote_pod=pod, context={"ti": ti})
+    assert str(err.value) == ("export of model 'digits-cnn' failed at step 'validate' with exit code 3 (validation "
+                              "failed): onnx-int8 top1_accuracy 0.91 is below the threshold 0.95")
+    assert ti.xcoms["failure"]["exit_code"] == 3 and ti.xcoms["failure"]["step"] == "validate"
+    assert ti.xcoms["failure"]["error"].startswith("onnx-int8 top1_accuracy 0.91")
+
+    # An internal error (exit 1) or an OOM kill stays retryable; the message is the exception / the reason.
+    pod = _finished_pod(op, kube_api, 1, "Traceback (most recent call last):\n  ...\n"
+                                         "RuntimeError: CUDA error: out of memory\n")
+    with pytest.raises(AirflowException) as err:
+        op.cleanup(pod=pod, remote_pod=pod, context={"ti": _RecordingTI()})
+    assert not isinstance(err.value, AirflowFailException)
+    assert str(err.value).endswith("(internal): RuntimeError: CUDA error: out of memory")
+    pod = _finished_pod(op, kube_api, 137, None, reason="OOMKilled")
+    with pytest.raises(AirflowException, match=r"exit code 137 .*: OOMKilled") as err:
+        op.cleanup(pod=pod, remote_pod=pod, context={"ti": _RecordingTI()})
+    assert not isinstance(err.value, AirflowFailException)
+
+    succeeded = _finished_pod(op, kube_api, 0, None, reason="Completed")
+    op.cleanup(pod=succeeded, remote_pod=succeeded, context={"ti": _RecordingTI()})  # no exception

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.providers.cncf.kubernetes.utils.container import get_container_status
+from airflow.sdk.exceptions import AirflowException, AirflowSkipException
 from kubernetes.client import models as k8s
 
 from export_lib.config import ExportConfig, PodPool
@@ -31,6 +33,18 @@ def pod_resources(pool: PodPool) -> k8s.V1ResourceRequirements:
     if pool.gpus:
         limits["nvidia.com/gpu"] = str(pool.gpus)
     return k8s.V1ResourceRequirements(requests={"cpu": pool.cpu, "memory": pool.memory}, limits=limits)
+
+
+def engine_error(step: str, termination_message: str | None) -> str | None:
+    """The engine's message from a failed pod's termination message (its last log lines, FallbackToLogsOnError):
+    the text after the CLI's `<step> failed (<CODE>): `, else the last line (an internal error's exception)."""
+    lines = (termination_message or "").strip().splitlines()
+    marker = f"{step} failed ("
+    for i in range(len(lines) - 1, -1, -1):
+        if marker in lines[i]:
+            head = lines[i].split(marker, 1)[1]
+            return "\n".join([head.split("): ", 1)[-1], *lines[i + 1:]]).strip()
+    return lines[-1].strip() if lines else None
 
 
 def pod_tolerations(pool: PodPool) -> list[k8s.V1Toleration]:
@@ -85,6 +99,9 @@ class KubernetesExportStepOperator(ExportStepMixin, KubernetesPodOperator):
             "get_logs": True,
             "on_finish_action": on_finish_action,  # failed pods stay for `kubectl describe` / logs
             "log_events_on_failure": True,
+            # The engine writes no termination-log file: on failure Kubernetes keeps the tail of its log (the
+            # CLI's `<step> failed (<CODE>): <message>` line) as the termination message, read back in cleanup().
+            "termination_message_policy": "FallbackToLogsOnError",
         }
         super().__init__(**{**pod_kwargs, **kwargs, **self.step_defaults(export_config, step)})
         self._init_export(step=step, export_config=export_config, config_path=config_path, model=model,
@@ -98,6 +115,23 @@ class KubernetesExportStepOperator(ExportStepMixin, KubernetesPodOperator):
                                               workspace=k8s_cfg.workspace_mount), "--xcom"]
         self.labels = {**self.labels, f"{LABEL_PREFIX}/model": str(self.model)}
         return super().build_pod_request_obj(context, dry_run=dry_run)
+
+    def cleanup(self, pod: k8s.V1Pod, remote_pod: k8s.V1Pod, xcom_result: dict | None = None,
+                context: Context | None = None) -> None:
+        """A failed pod fails the task as the local runtime does: model, step, exit code and the engine's message;
+        exit codes 2/3/4 are not retried (AirflowFailException) and the `failure` XCom feeds the run summary.
+        Both the sync and the deferrable paths end here."""
+        try:
+            super().cleanup(pod=pod, remote_pod=remote_pod, xcom_result=xcom_result, context=context)
+        except AirflowSkipException:
+            raise
+        except AirflowException as e:
+            status = get_container_status(remote_pod, self.base_container_name)
+            terminated = status.state.terminated if status is not None and status.state is not None else None
+            if terminated is None or not terminated.exit_code:
+                raise
+            error = engine_error(self.step, terminated.message) or terminated.reason
+            raise self.failure(context, terminated.exit_code, {"error": error} if error else None) from e
 
     def execute(self, context: Context) -> Any:
         if (result := self.nothing_to_do()) is not None:
