@@ -69,10 +69,35 @@ def test_plan_keeps_only_each_models_requested_variants(config):
     assert runs == [{"model": "digits-cnn", "variants": "onnx-fp32", "checkpoint_uri": None, "force": True}]
 
 
+def test_plan_restricts_to_fp32_when_a_model_has_none_of_the_requested_variants(config):
+    """`variants: [tensorrt-fp16]` for models without TensorRT builds onnx-fp32 only, not every configured variant."""
+    from operators.pipeline import plan_runs
+
+    runs = plan_runs(config, {"models": [], "variants": ["tensorrt-fp16"], "force": False, "checkpoint_uri": None})
+    assert {r["variants"] for r in runs} == {"onnx-fp32"}
+
+
+def test_a_misspelt_conf_key_reaches_plan_through_airflows_params(airflow_home, config):
+    """Airflow's trigger validation accepts unknown conf keys (they are merged into params): plan must see them."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk.exceptions import AirflowFailException
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    from operators.paths import REPO_ROOT
+    from operators.pipeline import plan_runs
+
+    dag = DagBag(dag_folder=str(REPO_ROOT / "dags" / "model_export_nightly.py")).dags["model_export_nightly"]
+    params = DagSerialization.from_dict(DagSerialization.to_dict(dag)).params.deep_merge({"modles": ["x"]})
+    params.validate()  # what the API does on trigger: no error
+    with pytest.raises(AirflowFailException, match="modles"):
+        plan_runs(config, {k: params[k] for k in params})
+
+
 @pytest.mark.parametrize(("params", "message"), [
     ({"models": ["nope"]}, "not in the export config"),
     ({"models": [], "checkpoint_uri": "s3://train-bucket/digits-cnn/000100/"}, "exactly one model"),
     ({"models": ["digits-cnn"], "variants": ["onnx-fp64"]}, "unknown variants"),
+    ({"modles": ["digits-cnn"]}, r"unknown trigger conf keys \['modles'\]"),  # a typo must not export all
 ])
 def test_plan_rejects_a_bad_conf(config, params, message):
     from airflow.sdk.exceptions import AirflowFailException

@@ -36,6 +36,9 @@ def model_asset_uri(config: ExportConfig, model: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- trigger form
+TRIGGER_KEYS = ("models", "force", "variants", "checkpoint_uri")
+
+
 def trigger_params(config: ExportConfig) -> dict[str, Param]:
     names = [m.name for m in config.models]
     return {
@@ -59,6 +62,10 @@ def trigger_params(config: ExportConfig) -> dict[str, Param]:
 def plan_runs(config: ExportConfig, params: dict[str, Any]) -> list[dict[str, Any]]:
     """The per-model arguments of this run (one mapped task group instance each)."""
     configured = {m.name: m for m in config.models}
+    # Airflow merges any conf key into params: a typo (`modle`) would otherwise export every model silently.
+    unknown_keys = sorted(set(params) - set(TRIGGER_KEYS))
+    if unknown_keys:
+        raise AirflowFailException(f"unknown trigger conf keys {unknown_keys}; the conf takes {list(TRIGGER_KEYS)}")
     wanted = list(params.get("models") or configured)
     unknown = [m for m in wanted if m not in configured]
     if unknown:
@@ -74,7 +81,8 @@ def plan_runs(config: ExportConfig, params: dict[str, Any]) -> list[dict[str, An
     runs = []
     for name in wanted:
         # Only the requested variants this model has (the CLI rejects a variant a model is not configured for).
-        variants = [v for v in configured[name].variants if v in requested] if requested else []
+        # None of them configured for this model: onnx-fp32 only (always built), never the full configured set.
+        variants = ([v for v in configured[name].variants if v in requested] or ["onnx-fp32"]) if requested else []
         runs.append({"model": name, "variants": ",".join(variants), "checkpoint_uri": checkpoint_uri,
                      "force": bool(params.get("force", False))})
     return runs
