@@ -48,9 +48,12 @@ def test_dag_policy(dagbag):
     assert not problems, "DAG policy violations:\n" + "\n".join(problems)
 
 
+@pytest.mark.parametrize("runtime", ["local", "kubernetes"])
 @pytest.mark.parametrize("dag_file", DAG_FILES, ids=lambda p: p.name)
-def test_no_heavy_imports_at_module_level(dag_file):
-    """Static check (the import statements) and dynamic check (what importing the file really loads)."""
+def test_no_heavy_imports_at_module_level(dag_file, runtime, monkeypatch):
+    """Static check (the import statements) and dynamic check (what importing the file really loads), in both
+    runtimes (the kubernetes one imports the pod operator, which must not pull the engine in)."""
+    monkeypatch.setenv("EXPORT_RUNTIME", runtime)
     tree = ast.parse(dag_file.read_text())
     for node in tree.body:
         names = []
@@ -62,9 +65,11 @@ def test_no_heavy_imports_at_module_level(dag_file):
             assert n.split(".")[0] not in HEAVY, f"{dag_file.name} imports {n} at module level; import it in the task"
 
     probe = (
-        "import importlib.util, json, sys\n"
+        "import importlib.util, json, os, sys\n"
         f"spec = importlib.util.spec_from_file_location('dag_under_test', {str(dag_file)!r})\n"
         "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+        "kinds = {type(t).__name__ for t in mod.dag.tasks}\n"
+        "assert ('KubernetesExportStepOperator' in kinds) == (os.environ['EXPORT_RUNTIME'] == 'kubernetes'), kinds\n"
         f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
