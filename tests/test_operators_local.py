@@ -69,6 +69,22 @@ def test_sync_runs_the_cli_with_the_connection_and_returns_its_result(s3_client,
     assert (workdir / "checkpoint" / "model.safetensors").read_bytes() == body
 
 
+def test_child_env_takes_s3_from_the_connection_only(config_path, monkeypatch):
+    """A connection to AWS itself (no endpoint_url): the worker's AWS_ENDPOINT_URL* must not reach the step."""
+    import json
+
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(
+        {"conn_type": "aws", "login": "AKIACONN", "password": "conn-secret", "extra": {"region_name": "eu-west-1"}}))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio.worker:9000")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://minio.worker:9000")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "worker-token")
+    env = make_op(config_path, "sync").child_env()
+    assert "AWS_ENDPOINT_URL" not in env and "AWS_ENDPOINT_URL_S3" not in env
+    assert "AWS_SESSION_TOKEN" not in env
+    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == ("AKIACONN", "conn-secret")
+    assert env["AWS_DEFAULT_REGION"] == "eu-west-1"
+
+
 def test_a_failing_step_raises_naming_model_step_and_reason(s3_client, config_path):
     from airflow.sdk.exceptions import AirflowFailException
 

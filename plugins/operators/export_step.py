@@ -198,6 +198,9 @@ class LocalExportStepOperator(ExportStepMixin, BaseOperator):
         conn = hook.conn_config
         if conn.endpoint_url:  # the service-specific variable would win over the generic one in boto3
             env["AWS_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL_S3"] = conn.endpoint_url
+        else:  # AWS itself: a worker's endpoint (e.g. a MinIO for something else) must not redirect the step
+            env.pop("AWS_ENDPOINT_URL", None)
+            env.pop("AWS_ENDPOINT_URL_S3", None)
         if conn.region_name:
             env["AWS_DEFAULT_REGION"] = conn.region_name
         return env
