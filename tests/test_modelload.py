@@ -113,6 +113,34 @@ def test_bad_factory_path_is_named(tmp_path):
         modelload.instantiate(spec)
 
 
+def test_factory_that_raises_is_bad_input_naming_factory_and_line(tmp_path):
+    """A factory rejecting its kwargs with its own check (ValueError, ...) or a module failing at import is the
+    config's/user code's problem: exit 2 with the factory, the error and where it was raised, not a traceback."""
+    from tests._engine_helpers import run_cli, write_config
+
+    write_module(tmp_path / "mods", "picky_models", """
+        def build(width=3):
+            if width % 2:
+                raise ValueError("width must be even")
+    """)
+    write_module(tmp_path / "mods", "broken_models", "x = 1 / 0\n")
+    ckpt = modelload.save_checkpoint(DigitsCNN(), tmp_path / "model.safetensors")
+    config = write_config(tmp_path / "export.yaml", digits_spec(tmp_path, factory="picky_models:build"))
+    code, result, stderr = run_cli("convert", config, "digits-cnn", tmp_path / "work", "--checkpoint", str(ckpt),
+                                   pythonpath=[tmp_path / "mods"])
+    assert code == 2, stderr
+    assert "model factory 'picky_models:build' raised ValueError: width must be even" in result["error"]
+    assert "picky_models.py:4" in result["error"] and "factory_kwargs" in result["error"]
+    assert "Traceback" not in stderr and not (tmp_path / "work" / "onnx-fp32").exists()
+
+    config = write_config(tmp_path / "export.yaml", digits_spec(tmp_path, factory="broken_models:Net"))
+    code, result, stderr = run_cli("convert", config, "digits-cnn", tmp_path / "work", "--checkpoint", str(ckpt),
+                                   pythonpath=[tmp_path / "mods"])
+    assert code == 2, stderr
+    assert "'broken_models:Net' failed: ZeroDivisionError" in result["error"]
+    assert "broken_models.py:1" in result["error"]
+
+
 def test_newcomers_own_model_from_pythonpath(tmp_path, monkeypatch):
     write_module(tmp_path / "mine", "acme_models", """
         import torch

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 import pickle
+import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,11 @@ def import_factory(path: str) -> Callable[..., Any]:
             f"cannot import model factory '{path}': {type(e).__name__}: {e}. Put the module's directory on "
             "PYTHONPATH (or install its package) and check the spelling of `factory` in the export config"
         ) from None
+    except Exception as e:  # SyntaxError, NameError, ... raised by the user's module while it is imported
+        raise BadInputError(
+            f"importing the module of model factory '{path}' failed: {type(e).__name__}: {e}{_where(e)}. Fix the "
+            "module (it is your code, not the export config)"
+        ) from None
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
@@ -46,6 +52,14 @@ def import_factory(path: str) -> Callable[..., Any]:
     return obj
 
 
+def _where(e: BaseException) -> str:
+    """` (at file:line)` of the innermost frame of a user code failure, for the one-paragraph message."""
+    if isinstance(e, SyntaxError) and e.filename:
+        return f" (at {e.filename}:{e.lineno})"
+    frames = traceback.extract_tb(e.__traceback__)
+    return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+
+
 def instantiate(spec: ModelSpec) -> torch.nn.Module:
     factory = import_factory(spec.factory)
     try:
@@ -53,6 +67,11 @@ def instantiate(spec: ModelSpec) -> torch.nn.Module:
     except TypeError as e:
         raise BadInputError(f"model factory '{spec.factory}' rejected factory_kwargs {spec.factory_kwargs}: {e}") \
             from None
+    except Exception as e:  # the factory's own checks (ValueError, AssertionError, ...) reject the config
+        raise BadInputError(
+            f"model factory '{spec.factory}' raised {type(e).__name__}: {e}{_where(e)} when called with "
+            f"factory_kwargs {spec.factory_kwargs}; fix factory_kwargs in the export config (or the factory)"
+        ) from None
     if not isinstance(model, torch.nn.Module):
         raise BadInputError(f"model factory '{spec.factory}' returned {type(model).__name__}, not a torch.nn.Module")
     return model
