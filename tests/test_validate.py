@@ -143,3 +143,24 @@ def test_same_int8_failure_is_fatal_when_not_optional(tmp_path):
     _broken_int8(workdir)
     with pytest.raises(ValidationFailedError, match="onnx-int8"):
         validate(load_config(config).model(MODEL), workdir)
+
+
+def test_eval_data_without_labels_or_samples_is_bad_input(tmp_path):
+    """top1_accuracy on an .npz without `labels`, or an .npz holding zero samples: exit 2 naming the file and the
+    fix (was a ValueError from np.concatenate, exit 1)."""
+    import numpy as np
+
+    for name, arrays, message in (
+        ("nolabels", {"pixels": np.zeros((6, 1, 8, 8), np.float32)}, "has no `labels` array"),
+        ("empty", {"pixels": np.zeros((0, 1, 8, 8), np.float32), "labels": np.zeros(0, np.int64)},
+         "holds no samples"),
+    ):
+        case = tmp_path / name
+        case.mkdir()
+        np.savez(case / "eval.npz", **arrays)
+        config, workdir = build_workdir(case, accuracy={"metric": "top1_accuracy", "threshold": 0.5,
+                                                        "eval_data": "eval.npz"})
+        proc = _cli(config, workdir)
+        assert proc.returncode == ExitCode.BAD_INPUT, proc.stderr
+        assert message in proc.stderr and str(case / "eval.npz") in proc.stderr and "Traceback" not in proc.stderr
+        assert not report_path(workdir, "validation").exists()

@@ -113,6 +113,9 @@ def load_npz(path: str | Path, spec: ModelSpec) -> tuple[dict[str, np.ndarray], 
                 f"data file '{path}': input '{inp.name}' has {inputs[inp.name].shape[0]} samples, "
                 f"'{spec.inputs[0].name}' has {n}"
             )
+    if not n:
+        raise BadInputError(f"data file '{path}' holds no samples (input '{spec.inputs[0].name}' has shape "
+                            f"{list(inputs[spec.inputs[0].name].shape)}); write at least one sample into it")
     labels = arrays.get("labels")
     if labels is not None:
         if labels.ndim != 1 or labels.shape[0] != n or labels.dtype.kind not in "iu":

@@ -92,6 +92,10 @@ def build_cases(spec: ModelSpec, eval_file: Path | None) -> list[Case]:
             cases.append(Case(f"{name}={size}", [batch], {name: size}))
     if eval_file is not None:
         inputs, labels = sampledata.load_npz(eval_file, spec)
+        if labels is None and spec.accuracy.metric == "top1_accuracy":
+            raise BadInputError(f"accuracy.eval_data '{eval_file}' has no `labels` array, which accuracy.metric "
+                                "top1_accuracy needs (1-D integers, one per sample): add it with "
+                                "np.savez(path, ..., labels=...) or use metric top1_agreement")
         limit = spec.accuracy.max_samples
         batches = sampledata.split_batches(inputs, ob, limit)
         n = sum(next(iter(b.values())).shape[0] for b in batches)
