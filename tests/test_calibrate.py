@@ -161,3 +161,25 @@ def test_calibrate_before_convert_and_bad_data(tmp_path):
     np.savez(tmp_path / "cal.npz", pixels=np.zeros((4, 8, 8), np.float32))
     with pytest.raises(BadInputError, match="input 'pixels' has shape"):
         cal.calibration_batches(spec, tmp_path / "cal.npz")
+
+
+def test_corrupt_fp32_model_is_bad_input_and_keeps_the_int8_artifact(tmp_path):
+    """A truncated onnx-fp32/model.onnx (a copy cut short, a disk filled up): exit 2 naming the file and `convert`,
+    not a protobuf DecodeError (exit 1); a previously built onnx-int8 is left as it was."""
+    config = write_config(tmp_path / "export.yaml", digits_spec(tmp_path, calibration={"samples": 8}))
+    work = tmp_path / "work dir"
+    conv.export_torchscript(modelload.instantiate(spec_of(digits_spec(tmp_path))).eval(),
+                            spec_of(digits_spec(tmp_path)), {"pixels": np.zeros((2, 1, 8, 8), np.float32)},
+                            (tmp_path / "full.onnx"))
+    fp32 = work / "onnx-fp32" / "model.onnx"
+    fp32.parent.mkdir(parents=True)
+    fp32.write_bytes((tmp_path / "full.onnx").read_bytes()[:3000])
+    old_int8 = work / "onnx-int8" / "model.onnx"
+    old_int8.parent.mkdir()
+    old_int8.write_bytes(b"previous int8")
+    code, result, stderr = run_cli("calibrate", config, "digits-cnn", work)
+    assert code == ExitCode.BAD_INPUT, stderr
+    assert "is not a readable ONNX model" in result["error"] and str(fp32) in result["error"]
+    assert "Rerun `convert`" in result["error"] and "Traceback" not in stderr
+    assert old_int8.read_bytes() == b"previous int8"
+    assert not [p for p in work.iterdir() if p.name.startswith(".")]

@@ -218,6 +218,11 @@ def calibrate(spec: ModelSpec, work: Path, data_path: Path | None = None) -> dic
     src = workdir.variant_model_path(work, "onnx-fp32")
     if not src.is_file():
         raise BadInputError(f"'{src}' does not exist: run `convert` for this workdir first")
+    try:
+        onnx.checker.check_model(str(src))  # path form: reads external data beside it
+    except Exception as e:  # DecodeError, ValidationError, a missing model.onnx.data, ...
+        raise BadInputError(f"'{src}' is not a readable ONNX model (truncated or corrupt?): {type(e).__name__}: "
+                            f"{str(e).strip()[:300].rstrip('.')}. Rerun `convert` for this workdir") from None
     started = time.monotonic()
     batches, source = calibration_batches(spec, data_path)
     log.info("calibrating '%s': %s, %d batches from %s, op types %s", spec.name, spec.calibration.method,
