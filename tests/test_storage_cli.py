@@ -147,3 +147,37 @@ def test_storage_modules_are_light():
                        env={**os.environ, "PYTHONPATH": str(REPO / "include")})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_failed_validation_is_never_selected_nor_published(s3, tmp_path):
+    """Strict validation failed (exit 3) but someone runs the next steps by hand, or a selection.json from an
+    earlier run is still there: select and publish refuse with exit 3 and nothing reaches the store."""
+    put_checkpoint(s3, "step-100", {"model.safetensors": b"weights"})
+    config = write_config(tmp_path)
+    ws = tmp_path / "ws"
+    common = ["--config", str(config), "--model", "digits"]
+    r = run_cli("sync", *common, "--workspace", str(ws), "--result-file", str(tmp_path / "sync.json"))
+    assert r.returncode == 0, r.stderr
+    workdir = ws / "digits" / _result(tmp_path / "sync.json")["version"]
+    fake_export_outputs(workdir, selected="onnx-fp32")  # selection.json of an earlier, passing run
+    failure = "onnx-int8: top1_accuracy 0.9467 is below the threshold 0.9500"
+    (workdir / "reports" / "validation.json").write_text(json.dumps({
+        "passed": False, "failures": [failure],
+        "variants": {"onnx-fp32": {"passed": True, "reasons": []},
+                     "onnx-int8": {"passed": False, "reasons": [failure]}}}))
+    (workdir / "reports" / "benchmark.json").write_text(json.dumps({"settings": {"batch_sizes": [1]}, "results": {}}))
+
+    r = run_cli("select", *common, "--workdir", str(workdir))
+    assert r.returncode == 3, r.stderr
+    assert failure in r.stderr and "optional_variants" in r.stderr and "Traceback" not in r.stderr
+    assert json.loads((workdir / "reports" / "selection.json").read_text())["selected"] == "onnx-fp32"  # untouched
+
+    r = run_cli("publish", *common, "--workdir", str(workdir))
+    assert r.returncode == 3, r.stderr
+    assert "never published" in r.stderr and failure in r.stderr
+    assert s3.list_objects_v2(Bucket=EXPORTS).get("KeyCount", 0) == 0
+
+    (workdir / "reports" / "validation.json").unlink()
+    r = run_cli("publish", *common, "--workdir", str(workdir))
+    assert r.returncode == 2 and "run `validate`" in r.stderr
+    assert s3.list_objects_v2(Bucket=EXPORTS).get("KeyCount", 0) == 0

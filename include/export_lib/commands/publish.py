@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from export_lib.commands._common import add_model_arguments, load_model
-from export_lib.results import BadInputError, read_json
+from export_lib.results import BadInputError, ValidationFailedError, read_json
 from export_lib.storage.s3 import make_client
 from export_lib.storage.store import (
     Store,
@@ -42,6 +42,21 @@ def _sync_result(args: argparse.Namespace, config_digest: str) -> dict:
     return sync
 
 
+def _require_passed_validation(workdir, selected: str) -> None:
+    """Never publish what validation failed, even when a stale selection.json is left from an earlier run."""
+    path = report_path(workdir, "validation")
+    if not path.is_file():
+        raise BadInputError(f"{path} is missing: run `validate` (then benchmark, select) before publish")
+    report = read_json(path)
+    entry = (report.get("variants") or {}).get(selected)
+    failed = report.get("passed") is not True or (isinstance(entry, dict) and entry.get("passed") is False)
+    if failed:
+        raise ValidationFailedError(
+            f"{path} says validation failed ({'; '.join(report.get('failures') or []) or selected + ' did not pass'})"
+            f": a version that failed validation is never published. Fix the cause, then rerun validate, benchmark "
+            "and select", details={"report": str(path)})
+
+
 def run(args: argparse.Namespace) -> dict:
     config, spec = load_model(args)
     sync = _sync_result(args, spec.digest())
@@ -62,6 +77,7 @@ def run(args: argparse.Namespace) -> dict:
     if selected not in variants:
         raise BadInputError(f"the selected variant '{selected}' has no files under {args.workdir / selected}; "
                             f"built variants: {sorted(variants)}. Rerun convert/calibrate for it")
+    _require_passed_validation(args.workdir, selected)
     manifest = build_manifest(model=spec.name, version=version, sync=sync, spec_json=spec.model_dump(mode="json"),
                               workdir=args.workdir, variants=variants, reports=reports)
     files = [*(f for fs in variants.values() for f in fs), *reports]

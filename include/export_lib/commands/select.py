@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from export_lib.commands._common import add_model_arguments, load_model
-from export_lib.results import BadInputError, read_json, write_json
+from export_lib.results import BadInputError, ValidationFailedError, read_json, write_json
 from export_lib.workdir import report_path
 
 HELP = "choose the fastest variant that passed validation (INT8 only when faster than its FP counterpart)"
@@ -31,6 +31,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not path.is_file():
             raise BadInputError(f"no {name} report at {path}: run `{step}` for this workdir first")
         reports[name] = read_json(path)
+    if reports["validation"].get("passed") is False:
+        # Strict validation failed (exit 3): the model's run stops here, whatever a later hand-run step does.
+        raise ValidationFailedError(
+            f"the validation report {report_path(args.workdir, 'validation')} failed: "
+            + "; ".join(reports["validation"].get("failures") or ["see the report"])
+            + ". Nothing is selected (so nothing can be published); fix the cause and rerun validate, or list the "
+            "failing variant under validation.optional_variants to ship the others without it",
+            details={"report": str(report_path(args.workdir, "validation"))})
     if args.batch_size is not None and args.batch_size not in reports["benchmark"]["settings"]["batch_sizes"]:
         raise BadInputError(f"--batch-size {args.batch_size} was not benchmarked (batch sizes: "
                             f"{reports['benchmark']['settings']['batch_sizes']})")
