@@ -57,6 +57,9 @@ def test_dynamic_dim_without_range_says_how_to_fix():
     ({"variants": ["onnx-fp32", "tensorrt-int8"]}, "add 'onnx-int8'"),
     ({"variants": ["onnx-fp32", "coreml"]}, "variants.1"),
     ({"accuracy": {"metric": "top1_accuracy"}}, "needs accuracy.eval_data"),
+    # both land in <workdir>/data/data.npz: calibrate would silently read the eval set (or the reverse)
+    ({"calibration": {"data": "s3://b/calib/data.npz"}, "accuracy": {"eval_data": "s3://b/eval/data.npz"}},
+     "same name"),
     ({"inputs": [{"name": "x", "shape": ["b"], "dynamic": {"b": {"min": 8, "opt": 4, "max": 16}}}]},
      "min <= opt <= max"),
 ])

@@ -219,6 +219,11 @@ class ModelSpec(_Strict):
             raise ValueError(f"accuracy.output '{self.accuracy.output}' is not one of outputs {self.outputs}")
         if self.accuracy.metric == "top1_accuracy" and not self.accuracy.eval_data:
             raise ValueError("accuracy.metric 'top1_accuracy' needs accuracy.eval_data (an .npz with `labels`)")
+        s3 = {u for u in (self.calibration.data, self.accuracy.eval_data) if u and u.startswith("s3://")}
+        if len(s3) == 2 and len({u.rstrip("/").rsplit("/", 1)[-1] for u in s3}) == 1:
+            raise ValueError(f"calibration.data and accuracy.eval_data are different files with the same name "
+                             f"({sorted(s3)}): both would be synced to <workdir>/data/ under that name and one would "
+                             "replace the other; rename one of them")
         return self
 
     def tolerance(self, variant: str) -> Tolerance:
