@@ -70,6 +70,13 @@ def test_expected_from_guards_a_stale_decision(s3):
     assert resolve_alias(s3, STORE, "digits", "production")["version"] == "v2"
 
 
+def test_expected_from_on_an_unset_alias_says_it_is_not_set(s3):
+    with pytest.raises(AliasConflictError) as e:
+        set_alias(s3, STORE, "digits", "staging", "v1", actor="c", expected_from="v0")
+    assert "it is not set" in str(e.value) and "None" not in str(e.value) and "NOT applied" in str(e.value)
+    assert resolve_alias(s3, STORE, "digits", "staging") is None
+
+
 @pytest.mark.parametrize("existing", [False, True], ids=["first-creation", "existing-alias"])
 def test_concurrent_moves_one_wins_other_gets_clear_conflict(s3, existing, monkeypatch):
     if existing:

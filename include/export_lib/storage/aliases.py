@@ -95,9 +95,10 @@ def _write_pointer(client: Any, store: Store, key: str, body: bytes, etag: str |
 
 def _conflict(client: Any, store: Store, model: str, alias: str, frm: str | None, to: str) -> AliasConflictError:
     now = resolve_alias(client, store, model, alias) or {}
+    where = (f"it now points to {now.get('version')!r} (moved by {now.get('actor')!r} at {now.get('updated_at')}, "
+             f"reason: {now.get('reason')!r})" if now else "it is not set (no pointer exists)")
     return AliasConflictError(
-        f"alias '{alias}' of model '{model}' was moved concurrently: it now points to {now.get('version')!r} "
-        f"(moved by {now.get('actor')!r} at {now.get('updated_at')}, reason: {now.get('reason')!r}); this move "
+        f"alias '{alias}' of model '{model}' does not point to {frm!r} as expected: {where}; this move "
         f"from {frm!r} to {to!r} was NOT applied. Check `alias history` and retry if it is still wanted",
         details={"alias": alias, "model": model, "current": now.get("version"), "moved_by": now.get("actor"),
                  "attempted": to, "expected_from": frm})
