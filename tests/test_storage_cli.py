@@ -181,3 +181,19 @@ def test_failed_validation_is_never_selected_nor_published(s3, tmp_path):
     r = run_cli("publish", *common, "--workdir", str(workdir))
     assert r.returncode == 2 and "run `validate`" in r.stderr
     assert s3.list_objects_v2(Bucket=EXPORTS).get("KeyCount", 0) == 0
+
+
+def test_steps_refuse_a_workdir_synced_with_another_spec(s3, tmp_path):
+    """`validate --variants onnx-fp32` on the workdir sync made for [onnx-fp32, onnx-int8] used to overwrite that
+    version's validation report with one that never looked at onnx-int8; every step now refuses (exit 2)."""
+    put_checkpoint(s3, "step-100", {"model.safetensors": b"weights"})
+    config = write_config(tmp_path)
+    common = ["--config", str(config), "--model", "digits"]
+    r = run_cli("sync", *common, "--workspace", str(tmp_path / "ws"), "--result-file", str(tmp_path / "sync.json"))
+    assert r.returncode == 0, r.stderr
+    workdir = tmp_path / "ws" / "digits" / _result(tmp_path / "sync.json")["version"]
+    for step in ("convert", "calibrate", "validate", "benchmark", "select"):
+        r = run_cli(step, *common, "--variants", "onnx-fp32", "--workdir", str(workdir))
+        assert r.returncode == 2, (step, r.stderr)
+        assert "was synced with a different model spec or --variants" in r.stderr and "Traceback" not in r.stderr
+    assert not (workdir / "reports").exists() and not (workdir / "onnx-fp32").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from export_lib.config import VARIANTS, ConfigError, ExportConfig, ModelSpec, load_config
@@ -22,8 +23,27 @@ def load_model(args: argparse.Namespace) -> tuple[ExportConfig, ModelSpec]:
     if not args.config:
         raise ConfigError("no export config given: pass --config PATH or set EXPORT_CONFIG")
     config = load_config(args.config)
-    spec = config.model(args.model)
-    return config, with_variants(spec, args.variants)
+    spec = with_variants(config.model(args.model), args.variants)
+    check_synced_spec(getattr(args, "workdir", None), spec)
+    return config, spec
+
+
+def check_synced_spec(workdir: Path | None, spec: ModelSpec) -> None:
+    """A work directory `sync` made for one spec (config + --variants) is that version's: a step run on it with
+    another spec would mix artifacts and reports of two versions (e.g. validate only onnx-fp32 in a workdir whose
+    version also ships onnx-int8). Work directories without results/sync.json (hand-made) are not checked."""
+    if workdir is None:
+        return
+    sync = Path(workdir) / "results" / "sync.json"
+    try:
+        synced = json.loads(sync.read_text()).get("config_digest")
+    except (OSError, ValueError, AttributeError):
+        return
+    if synced and synced != spec.digest():
+        raise ConfigError(
+            f"{workdir} was synced with a different model spec or --variants (config digest {synced[:12]}... vs "
+            f"{spec.digest()[:12]}...): pass the same config and --variants as sync did, or rerun sync and use the "
+            "workdir it prints")
 
 
 def with_variants(spec: ModelSpec, variants: str | list[str] | None) -> ModelSpec:
