@@ -57,7 +57,7 @@ with DAG(
                      force=force)
 
     @task(trigger_rule=TriggerRule.ALL_DONE)
-    def summary(runs: list[dict]) -> list[dict]:
+    def summary(runs: list[dict] | None) -> list[dict]:
         """Per model: published / up to date / failed at <step> with the reason."""
         return summarize_run(runs, get_current_context())
 

@@ -168,3 +168,26 @@ def test_docs_name_every_module():
     text = (Path(__file__).resolve().parents[1] / "docs" / "operators.md").read_text()
     for module in ("paths.py", "runtime.py", "export_step.py", "export_pod.py", "pipeline.py", "notify.py"):
         assert f"`{module}`" in text
+
+
+def test_a_bad_conf_fails_plan_and_summary_once_without_retries(airflow_home, monkeypatch):
+    """dag.test with a misspelt conf key: `plan` fails naming it, nothing is exported, `summary` fails at once
+    with a clear message (not a TypeError on the missing plan, retried twice with backoff)."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    from operators.paths import DEFAULT_CONFIG_PATH, REPO_ROOT
+
+    monkeypatch.setenv("EXPORT_CONFIG", str(DEFAULT_CONFIG_PATH))
+    monkeypatch.setenv("EXPORT_RUNTIME", "local")
+    dag = DagBag(dag_folder=str(REPO_ROOT / "dags" / "model_export_nightly.py")).dags["model_export_nightly"]
+    run = dag.test(run_conf={"modles": ["digits-cnn"]})
+    assert run.state == "failed"
+    with create_session() as session:
+        tis = {ti.task_id: ti for ti in session.scalars(
+            select(TaskInstance).where(TaskInstance.dag_id == dag.dag_id, TaskInstance.run_id == run.run_id))}
+        assert (tis["plan"].state, tis["plan"].try_number) == ("failed", 1)
+        assert tis["export_model.sync"].state == "upstream_failed"
+        assert (tis["summary"].state, tis["summary"].try_number) == ("failed", 1)

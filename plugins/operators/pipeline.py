@@ -156,8 +156,11 @@ def _states(context: dict[str, Any]) -> dict[tuple[str, int], str]:
     return out
 
 
-def summarize_run(runs: list[dict[str, Any]], context: dict[str, Any]) -> list[dict[str, Any]]:
+def summarize_run(runs: list[dict[str, Any]] | None, context: dict[str, Any]) -> list[dict[str, Any]]:
     """What happened to each model, from task states and results; fails the run if any model failed."""
+    if runs is None:  # `plan` failed (e.g. a bad trigger conf): nothing ran; a retry would not change that
+        raise AirflowFailException("no run plan: the `plan` task failed, so no model was exported; its log names "
+                                   "the problem (e.g. a bad trigger conf)")
     ti = context["ti"]
     states = _states(context)
     steps = ("sync", "needs_export", *ENGINE_STEPS, "hand_over")
