@@ -226,3 +226,24 @@ def test_tensorrt_variant_without_tensorrt_exits_4_before_any_work(tmp_path):
     code, result, _ = run_cli("convert", config, "digits-cnn", work, "--checkpoint", str(ckpt / "model.safetensors"),
                               "--variants", "onnx-fp32")
     assert code == ExitCode.OK and (work / "onnx-fp32" / "model.onnx").is_file()
+
+
+def test_staging_leftovers_of_killed_runs_are_cleaned_but_fresh_ones_are_kept(tmp_path):
+    """A killed step leaves `.onnx-fp32.tmp-*`; the next write removes it once stale, never a live writer's."""
+    import os
+    import time
+
+    from export_lib.artifacts import STALE_AFTER_S, staged_dir
+
+    final = tmp_path / "onnx-fp32"
+    stale, fresh = tmp_path / ".onnx-fp32.tmp-dead", tmp_path / ".onnx-fp32.tmp-live"
+    for d in (stale, fresh):
+        (d / ".raw-x").mkdir(parents=True)
+        (d / ".raw-x" / "model.onnx.data").write_bytes(b"\0" * 1024)
+    old = time.time() - STALE_AFTER_S - 60
+    os.utime(stale, (old, old))
+    with staged_dir(final) as tmp:
+        (tmp / "model.onnx").write_bytes(b"onnx")
+    assert (final / "model.onnx").read_bytes() == b"onnx"
+    assert not stale.exists(), "a stale staging dir of a killed run must be removed"
+    assert fresh.exists(), "a recent staging dir may belong to a live writer and must be kept"

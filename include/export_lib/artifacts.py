@@ -5,10 +5,35 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import logging
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+# A staging directory untouched for this long belongs to a killed step (the longest step timeout is hours, not
+# this): removing it then cannot race a live writer, such as a zombie pod still finishing on a shared volume.
+STALE_AFTER_S = 12 * 3600
+
+
+def remove_stale(parent: Path, pattern: str, older_than_s: float = STALE_AFTER_S) -> list[Path]:
+    """Delete leftovers of killed steps (`pattern` glob in `parent`) not modified for `older_than_s`."""
+    removed = []
+    cutoff = time.time() - older_than_s
+    for p in Path(parent).glob(pattern):
+        try:
+            if p.is_dir() and p.stat().st_mtime < cutoff:
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+        except FileNotFoundError:  # another process cleaned it first
+            continue
+    if removed:
+        log.info("removed %d stale staging dir(s) of killed runs: %s", len(removed), [p.name for p in removed])
+    return removed
 
 
 @contextlib.contextmanager
@@ -20,6 +45,8 @@ def staged_dir(final: Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for kind in ("tmp", "old"):
+        remove_stale(final.parent, f".{final.name}.{kind}-*")
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     tmp.chmod(0o755)  # mkdtemp makes it private; the artifact is read by other steps/pods and uploaded
     try:

@@ -28,7 +28,7 @@ from onnxruntime.quantization import (
 )
 
 from export_lib import tensorrt_build, workdir
-from export_lib.artifacts import file_inventory, library_versions, staged_dir
+from export_lib.artifacts import file_inventory, library_versions, remove_stale, staged_dir
 from export_lib.config import ModelSpec
 from export_lib.results import BadInputError
 from export_lib.sampledata import batch_dim_name, generate_batches, generate_inputs, load_npz, split_batches
@@ -230,6 +230,7 @@ def calibrate(spec: ModelSpec, work: Path, data_path: Path | None = None) -> dic
     # TensorRT's explicit quantization needs zero-point-free (symmetric) activations.
     symmetric = "tensorrt-int8" in spec.variants
     int8_dir = workdir.variant_dir(work, "onnx-int8")
+    remove_stale(work, ".calibrate-*")
     with staged_dir(int8_dir) as tmp, tempfile.TemporaryDirectory(dir=work, prefix=".calibrate-") as scratch:
         info = quantize(spec, src, tmp / "model.onnx", batches, Path(scratch), symmetric)
         smoke_run(tmp / "model.onnx", spec)
