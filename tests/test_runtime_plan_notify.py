@@ -119,6 +119,25 @@ def test_trigger_form_lists_the_configured_models(config):
     assert params["checkpoint_uri"].schema["type"] == ["null", "string"]
 
 
+@pytest.mark.parametrize(("value", "ok"), [
+    (None, True), ("", True), ("s3://train-bucket/digits-cnn/000100/", True), ("/mnt/ckpt/000100", True),
+    ("train-bucket/digits-cnn/", False), ("s3://Bad_Bucket/x/", False),
+])
+def test_checkpoint_uri_form_accepts_cleared_field_and_rejects_malformed(config, value, ok):
+    """The UI may send "" for a cleared field: it means "newest", like null; malformed URIs are refused."""
+    from airflow.sdk import ParamsDict
+
+    from operators.pipeline import trigger_params
+
+    params = ParamsDict(trigger_params(config))
+    if ok:
+        params["checkpoint_uri"] = value
+        params.validate()
+    else:
+        with pytest.raises(ValueError, match="checkpoint_uri"):
+            params["checkpoint_uri"] = value
+
+
 # ------------------------------------------------------------------------------------------------ notifier
 class _Hook(BaseHTTPRequestHandler):
     received: ClassVar[list[dict]] = []

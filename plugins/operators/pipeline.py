@@ -51,11 +51,11 @@ def trigger_params(config: ExportConfig) -> dict[str, Param]:
                           examples=list(VARIANTS), title="Variants",
                           description="Restrict to these variants (empty = each model's configured variants; "
                                       "onnx-fp32 is always built). A different set is a different version."),
-        "checkpoint_uri": Param(None, type=["null", "string"], pattern=r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/|/)",
+        "checkpoint_uri": Param(None, type=["null", "string"], pattern=r"^$|^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/|/)",
                                 title="Checkpoint URI",
                                 description="Pin one checkpoint folder (s3://bucket/prefix/<step>/, or an absolute "
                                             "path for a local checkpoint directory) instead of the newest complete "
-                                            "one; needs exactly one model."),
+                                            "one; needs exactly one model. Empty = newest."),
     }
 
 
