@@ -203,3 +203,21 @@ def test_local_directory_checkpoints(tmp_path):
     first = fetch_all(None, checkpoint_sources(ckpt, spec.checkpoint), cache)
     again = fetch_all(None, checkpoint_sources(ckpt, spec.checkpoint), cache)
     assert first[0].sha256 == sha(b"w10") and summary(again)["objects_skipped"] == 1
+
+
+def test_same_implementation_runs_on_an_s3hook_client(s3, tmp_path):
+    """The Airflow side passes `S3Hook(aws_conn_id).get_conn()` (the `aws_default` connection, not the pod's
+    environment) to the very same discovery and sync functions."""
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    files = {"model.safetensors": b"w" * 4096}
+    put_checkpoint(s3, "step-7", files, sums=True)
+    spec = _spec(tmp_path)
+    hook_client = S3Hook(aws_conn_id="aws_default").get_conn()
+    ckpt = discover(hook_client, spec.checkpoint)
+    synced = fetch_all(hook_client, checkpoint_sources(ckpt, spec.checkpoint), tmp_path / "cache",
+                       expected=expected_checksums(hook_client, ckpt))
+    assert ckpt.name == "step-7" and [(s.name, s.sha256) for s in synced] == [("model.safetensors", sha(files[
+        "model.safetensors"]))]
+    place(synced, tmp_path / "work" / "checkpoint")
+    assert (tmp_path / "work" / "checkpoint" / "model.safetensors").read_bytes() == files["model.safetensors"]
