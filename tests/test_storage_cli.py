@@ -116,6 +116,11 @@ def test_bad_inputs_exit_2_with_clear_messages(s3, tmp_path):
     r = run_cli("gc", *common, "--keep", "-1")
     assert r.returncode == 2 and "--keep must be >= 0" in r.stderr
 
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    r = run_cli("sync", *common, "--workspace", str(blocker / "ws"))
+    assert r.returncode == 2 and f"workspace '{blocker / 'ws'}' is not a writable directory" in r.stderr
+
     assert list_versions(s3, Store(EXPORTS, "exports"), "digits") == []
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 from pathlib import Path
 
 from export_lib.commands._common import add_model_arguments, load_model
+from export_lib.results import BadInputError
 from export_lib.storage.checkpoints import checkpoint_at, discover
 from export_lib.storage.s3 import make_client
 from export_lib.storage.store import Store, checkpoint_digest, manifest_exists, version_id
@@ -35,11 +37,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="download again even what the cache already holds")
 
 
+def ensure_writable(workspace: Path) -> None:
+    """Fail before any transfer, naming the workspace, when it cannot be created or written."""
+    try:
+        workspace.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workspace, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise BadInputError(
+            f"workspace '{workspace}' is not a writable directory ({e.strerror or e}); set pipeline.workspace in "
+            "the config or pass --workspace (in pods: the workspace PVC's mount path)") from None
+
+
 def run(args: argparse.Namespace) -> dict:
     config, spec = load_model(args)
     client = make_client()
     workspace = Path(args.workspace or config.pipeline.workspace)
     cache = workspace / ".cache"
+    ensure_writable(workspace)
     ckpt = (checkpoint_at(client, spec.checkpoint, args.checkpoint_uri) if args.checkpoint_uri
             else discover(client, spec.checkpoint))
     expected = expected_checksums(client, ckpt)
