@@ -146,14 +146,18 @@ def test_same_int8_failure_is_fatal_when_not_optional(tmp_path):
 
 
 def test_eval_data_without_labels_or_samples_is_bad_input(tmp_path):
-    """top1_accuracy on an .npz without `labels`, or an .npz holding zero samples: exit 2 naming the file and the
-    fix (was a ValueError from np.concatenate, exit 1)."""
+    """top1_accuracy on an .npz without `labels`, an .npz holding zero samples or NaN inputs, labels that are not
+    class indices: exit 2 naming the data and the fix (not an exit 1 crash, nor an exit 3 blaming the model)."""
     import numpy as np
 
     for name, arrays, message in (
         ("nolabels", {"pixels": np.zeros((6, 1, 8, 8), np.float32)}, "has no `labels` array"),
         ("empty", {"pixels": np.zeros((0, 1, 8, 8), np.float32), "labels": np.zeros(0, np.int64)},
          "holds no samples"),
+        ("nan", {"pixels": np.full((6, 1, 8, 8), np.nan, np.float32), "labels": np.zeros(6, np.int64)},
+         "holds 384 NaN/Inf value(s)"),
+        ("labels", {"pixels": np.zeros((6, 1, 8, 8), np.float32), "labels": np.arange(6, dtype=np.int64) * 5},
+         "labels range over [0, 25] but output 'logits' has 10 classes"),
     ):
         case = tmp_path / name
         case.mkdir()
@@ -162,5 +166,6 @@ def test_eval_data_without_labels_or_samples_is_bad_input(tmp_path):
                                                         "eval_data": "eval.npz"})
         proc = _cli(config, workdir)
         assert proc.returncode == ExitCode.BAD_INPUT, proc.stderr
-        assert message in proc.stderr and str(case / "eval.npz") in proc.stderr and "Traceback" not in proc.stderr
+        names_the_data = str(case / "eval.npz") in proc.stderr or "accuracy.eval_data 'eval.npz'" in proc.stderr
+        assert message in proc.stderr and names_the_data and "Traceback" not in proc.stderr
         assert not report_path(workdir, "validation").exists()

@@ -152,6 +152,12 @@ def _check_array(a: np.ndarray, inp: InputSpec, path: Path) -> np.ndarray:
                 f"data file '{path}': input '{inp.name}' axis {axis} ('{dim}') is {got}, outside the configured "
                 f"range [{r.min}, {r.max}]"
             )
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        bad = int((~np.isfinite(a)).sum())
+        raise BadInputError(
+            f"data file '{path}': input '{inp.name}' holds {bad} NaN/Inf value(s); clean the data set (parity and "
+            "accuracy on non-finite inputs say nothing about the model)"
+        )
     return a.astype(want, copy=False)
 
 

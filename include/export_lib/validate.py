@@ -126,6 +126,11 @@ def top1(spec: ModelSpec, cases: list[Case], outs: list[list[dict]], ref: list[l
     pred = np.concatenate([predictions(outs[i], name) for i in idx])
     if spec.accuracy.metric == "top1_accuracy":
         labels = np.concatenate([cases[i].labels for i in idx if cases[i].labels is not None])
+        classes = np.asarray(outs[idx[0]][0][name]).shape[-1]
+        if labels.size and (labels.min() < 0 or labels.max() >= classes):
+            raise BadInputError(f"accuracy.eval_data '{spec.accuracy.eval_data}': labels range over "
+                                f"[{labels.min()}, {labels.max()}] but output '{name}' has {classes} classes; "
+                                f"labels must be class indices in [0, {classes - 1}]")
         if labels.shape != pred.shape:
             raise BadInputError(f"accuracy.eval_data: {labels.shape[0]} labels for {pred.shape[0]} predictions of "
                                 f"output '{name}' (top1_accuracy needs one label per sample)")
