@@ -141,26 +141,24 @@ def list_prefixes(client: Any, bucket: str, prefix: str) -> list[str]:
     return out
 
 
-def head(client: Any, bucket: str, key: str) -> dict | None:
-    """head_object, or None when the object does not exist."""
+def _read_or_none(call: Any, bucket: str, key: str) -> Any:
+    """`call(Bucket, Key)`, or None when the object does not exist; other S3 errors name the key."""
     try:
-        return client.head_object(Bucket=bucket, Key=key)
+        return call(Bucket=bucket, Key=key)
     except Exception as e:
         if is_not_found(e):
             return None
         if error_code(e):
             raise storage_error(e, "reading", bucket, key) from e
         raise
+
+
+def head(client: Any, bucket: str, key: str) -> dict | None:
+    """head_object, or None when the object does not exist."""
+    return _read_or_none(client.head_object, bucket, key)
 
 
 def get_bytes(client: Any, bucket: str, key: str) -> tuple[bytes, str] | None:
     """(body, etag) of an object, or None when it does not exist."""
-    try:
-        r = client.get_object(Bucket=bucket, Key=key)
-    except Exception as e:
-        if is_not_found(e):
-            return None
-        if error_code(e):
-            raise storage_error(e, "reading", bucket, key) from e
-        raise
-    return r["Body"].read(), r["ETag"].strip('"')
+    r = _read_or_none(client.get_object, bucket, key)
+    return None if r is None else (r["Body"].read(), r["ETag"].strip('"'))
